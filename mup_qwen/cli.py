@@ -63,3 +63,19 @@ def run_main(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("interrupted: results written so far are kept; rerun to resume.", file=sys.stderr)
         sys.exit(130)
+
+
+def add_executor_args(parser: argparse.ArgumentParser) -> None:
+    """Add the flags that choose where trials run (in-process, or Ray tasks)."""
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="run trials in this process (local, default) or as Ray tasks (ray)")
+    parser.add_argument("--address", help="Ray cluster address to join (default: start a local instance)")
+    parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved per Ray task")
+    parser.add_argument("--gpus-per-trial", type=float, default=0.0,
+                        help="GPUs reserved per Ray task; fractions such as 0.25 pack trials on one GPU")
+
+
+def executor_options(args: argparse.Namespace) -> dict:
+    """Return the keyword arguments of `mup_qwen.executor.run_tasks` chosen on the command line."""
+    return {"executor": args.executor, "address": args.address,
+            "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial}

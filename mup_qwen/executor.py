@@ -45,7 +45,12 @@ def run_local(tasks: Iterable[Task]) -> Iterator[tuple[Hashable, Any]]:
 
 
 def run_tasks(tasks: Iterable[Task], executor: str = "local", **options) -> Iterator[tuple[Hashable, Any]]:
-    """Run tasks with the named executor ("local") and yield `(key, result)` as each one finishes."""
+    """Run tasks with the named executor and yield `(key, result)` as each one finishes.
+
+    `options` are those of `mup_qwen.cli.executor_options` (address, cpus_per_trial,
+    gpus_per_trial); the local executor ignores them.
+    """
     if executor == "local":
         return run_local(tasks)
+    # TODO: the Ray executor ("ray") is not written yet.
     raise ValueError(f"executor is {executor!r}, expected 'local'.")
