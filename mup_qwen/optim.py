@@ -12,7 +12,7 @@ from mup import MuAdam, MuAdamW, MuSGD
 from torch import nn
 
 from mup_qwen.model import Parametrization, check_parametrization
-from mup_qwen.settings import Settings
+from mup_qwen.settings import Settings, SettingsError
 
 MUP_OPTIMIZERS = {"adam": MuAdam, "adamw": MuAdamW, "sgd": MuSGD}
 SP_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -22,7 +22,7 @@ def build_optimizer(model: nn.Module, settings: Settings, lr: float, parametriza
     """Return the configured optimizer (`optim.optimizer`) with base learning rate `lr`."""
     check_parametrization(parametrization)
     if not lr > 0:
-        raise ValueError(f"lr is {lr}, expected a positive number.")
+        raise SettingsError(f"learning rate is {lr}, expected a positive number. Pass a positive lr (2**log2_lr).")
     optim = settings.optim
     kwargs = dict(lr=lr, weight_decay=optim.weight_decay)
     if optim.optimizer == "sgd":

@@ -299,6 +299,9 @@ def validate(settings: Settings) -> None:
         f"model.attn_mult is {model.attn_mult}, expected a positive number, or null for √(base head_dim).",
     )
     _require(0 <= model.dropout < 1, f"model.dropout is {model.dropout}, expected a value in [0, 1).")
+    _require(not (model.tie_embeddings and model.readout_zero_init),
+             "model.readout_zero_init is true with model.tie_embeddings true: zeroing the shared readout would "
+             "zero the input embedding too. Set one of them to false.")
     _validate_heads(model)
 
     _require(data.batch_size > 0, f"data.batch_size is {data.batch_size}, expected a positive integer.")
