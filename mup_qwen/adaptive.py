@@ -2,8 +2,8 @@
 
 The search is a pure function of the losses known so far (`search_step`), so a rerun replays it from
 the sweep CSVs and runs only the trials still missing. Each halving evaluates the two quarter points of
-the bracket [best - h, best + h] and keeps the half centred on the lowest of the three points, so a
-unimodal loss curve has its minimum within `tolerance` octaves of the result.
+the bracket [best - h, best + h] and keeps the half centred on the lowest of the three points. A unimodal
+loss curve then has its minimum within `tolerance` octaves of the result.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from mup_qwen.sweep import TrialKey, latest_rows, read_trials, round_log2_lr, run_trials
 from mup_qwen.settings import MupQwenError, Settings
+from mup_qwen.sweep import TrialKey, latest_rows, read_trials, round_log2_lr, run_trials
 
 
 @dataclass
 class SearchState:
-    """Where one search stands after replaying the known losses.
+    """The state of one search after replaying the known losses.
 
     `status` is "running" (evaluate `needed` next), "done" (the minimum lies within `half_width`
     of `best`), "edge" (the best coarse point is an end of the range, so the minimum may lie
@@ -51,7 +51,7 @@ def _loss(losses: Mapping[float, float], x: float) -> float:
 
 def search_step(losses: Mapping[float, float], log2_lr_min: float, log2_lr_max: float,
                 coarse_step: float = 2.0, tolerance: float = 0.25) -> SearchState:
-    """Replay the search on `losses` (log2 LR → loss; inf for a diverged trial) and return what it needs next."""
+    """Replay the search on `losses` (log2 LR → loss, inf for a diverged trial) and return what it needs next."""
     if coarse_step <= 0 or tolerance <= 0:
         raise MupQwenError(f"coarse_step is {coarse_step} and tolerance is {tolerance}; both must be positive octaves.")
     grid = coarse_grid(log2_lr_min, log2_lr_max, coarse_step)
@@ -70,7 +70,9 @@ def search_step(losses: Mapping[float, float], log2_lr_min: float, log2_lr_max: 
     if index == 0 or index == len(grid) - 1:
         return SearchState("edge", best=best, half_width=half_width)
 
-    # Invariant: the loss at `best` is below the loss at best ± half_width.
+    # Invariant: the loss at `best` is at most the loss at best ± half_width.
+    # NOTE: the bracket contains the true minimum only for a unimodal curve. Near a flat optimum, seed noise
+    # can exceed the loss differences between points `tolerance` apart, and the search then keeps the best noisy point.
     while half_width > tolerance + 1e-9:
         quarter = half_width / 2
         left, right = round_log2_lr(best - quarter), round_log2_lr(best + quarter)
@@ -98,7 +100,7 @@ def max_evaluations(log2_lr_min: float, log2_lr_max: float, coarse_step: float =
 
 def minimize(objective: Callable[[float], float], log2_lr_min: float, log2_lr_max: float,
              coarse_step: float = 2.0, tolerance: float = 0.25) -> tuple[SearchState, dict[float, float]]:
-    """Run the search on a function of log2 LR, one point at a time; return the final state and every evaluation."""
+    """Run the search on a function of log2 LR, one point at a time, and return the final state and every evaluation."""
     losses: dict[float, float] = {}
     while True:
         state = search_step(losses, log2_lr_min, log2_lr_max, coarse_step, tolerance)
@@ -113,7 +115,7 @@ def minimize(objective: Callable[[float], float], log2_lr_min: float, log2_lr_ma
 
 
 def point_losses(trials: pd.DataFrame, seeds: Iterable[int], attempted: set[TrialKey]) -> dict[float, float]:
-    """Return log2 LR → validation loss (mean over `seeds`, inf if any diverged) for one (parametrization, width).
+    """Return log2 LR → validation loss (the mean over `seeds`, inf if any diverged) of one (parametrization, width).
 
     An LR counts as known once every seed has a finished row. A failed trial counts as inf only once
     it was attempted in this run, so each run retries earlier failures once.
@@ -181,8 +183,9 @@ def format_searches(states: Mapping[tuple[str, int], SearchState]) -> str:
         if state.status == "done":
             detail = f"best log2_lr {state.best:g}, minimum within ±{state.half_width:g} octave"
         elif state.status == "edge":
-            detail = f"best log2_lr {state.best:g} is an end of the range: widen sweep.log2_lr_min/max"
+            detail = (f"best log2_lr {state.best:g} is an end of the range. Widen it with --log2-lr-min "
+                      "and --log2-lr-max (sweep.log2_lr_min, sweep.log2_lr_max)")
         else:
-            detail = "no finite loss: every coarse point diverged or failed"
+            detail = "no finite loss, because every coarse point diverged or failed"
         lines.append(f"{parametrization} width {width}: {state.status}, {detail}")
     return "\n".join(lines)

@@ -25,7 +25,7 @@ FIT_RADIUS_OCTAVES = 2.0
 
 @dataclass
 class Optimum:
-    """Where the loss-vs-log2 LR curve of one model family is lowest.
+    """The lowest point of the loss-vs-log2 LR curve of one (parametrization, width).
 
     `status` is one of:
     - "fit": a quadratic fit around the argmin gave `fit_log2_lr`;

@@ -114,7 +114,7 @@ def sweep_files(results_dir: Path) -> list[Path]:
 
 
 def move_aside(results_dir: Path) -> Optional[Path]:
-    """Move the sweep files of `results_dir` into a new `previous-<date>-<time>` folder inside it; delete nothing."""
+    """Move the sweep files of `results_dir` into a new `previous-<date>-<time>` folder inside it. Nothing is deleted."""
     files = sweep_files(results_dir)
     if not files:
         return None
@@ -157,8 +157,8 @@ def prepare_results_dir(settings: Settings, fresh: bool = False) -> Path:
             raise SweepSettingsError(f"{str(settings_path)!r} could not be read ({error}). {fix}") from None
         if fingerprint(old_fields) != fingerprint(fields):
             changes = _changed_fields(old_fields, fields)
-            shown = "; ".join(changes[:5]) + ("; ..." if len(changes) > 5 else "")
-            raise SweepSettingsError(f"the trials in {names} were run with other settings ({shown}). {fix}")
+            listed_changes = "; ".join(changes[:5]) + ("; ..." if len(changes) > 5 else "")
+            raise SweepSettingsError(f"the trials in {names} were run with other settings ({listed_changes}). {fix}")
         return results_dir
 
     settings_path.write_text(json.dumps({"fingerprint": fingerprint(fields), "settings": fields}, indent=2) + "\n")
@@ -171,7 +171,7 @@ def prepare_results_dir(settings: Settings, fresh: bool = False) -> Path:
 
 def run_trial(settings: Settings, parametrization: str, width: int, log2_lr: float, seed: int,
               on_log: Optional[Callable[[int, float], None]] = None) -> TrialResult:
-    """Train one sweep trial for `sweep.steps` steps at LR 2**log2_lr; the task function of the sweep."""
+    """Train one sweep trial for `sweep.steps` steps at LR 2**log2_lr. This is the task function of the sweep."""
     return train_trial(settings, width, parametrization, 2.0**log2_lr, seed, settings.sweep.steps, on_log=on_log)
 
 
@@ -195,7 +195,7 @@ class TrialWriter:
         new = not path.exists() or path.stat().st_size == 0
         self.file = open(path, "a", newline="")
         if not new and not _ends_with_newline(path):
-            # A row cut off by a killed process: end it here, and `read_trials` skips it.
+            # The last row was cut off by a killed process. Ending it here lets `read_trials` skip it.
             self.file.write("\n")
         self.writer = csv.DictWriter(self.file, fieldnames=COLUMNS)
         if new:
@@ -230,7 +230,7 @@ def _parse_row(row: dict[str, str]) -> dict[str, Any]:
 
 
 def read_trials(results_dir: str | Path, parametrizations: Iterable[str] = ("mup", "sp")) -> pd.DataFrame:
-    """Return every trial row of the sweep CSVs in `results_dir`, in file order; a cut-off row is skipped."""
+    """Return every trial row of the sweep CSVs in `results_dir`, in file order. A cut-off row is skipped."""
     rows = []
     for parametrization in parametrizations:
         path = csv_path(results_dir, parametrization)
@@ -248,7 +248,7 @@ def read_trials(results_dir: str | Path, parametrizations: Iterable[str] = ("mup
 
 
 def finished_keys(trials: pd.DataFrame) -> set[TrialKey]:
-    """Return the keys of trials that finished (diverged or not); trials that failed with an error are left out."""
+    """Return the keys of trials that finished, diverged or not. Trials that failed with an error are left out."""
     ok = trials[trials["error"] == ""]
     return {TrialKey(p, int(w), float(x), int(s))
             for p, w, x, s in zip(ok["parametrization"], ok["width"], ok["log2_lr"], ok["seed"])}
@@ -285,15 +285,16 @@ def run_trials(settings: Settings, keys: Iterable[TrialKey], executor_options: O
                progress: bool = True) -> list[dict[str, Any]]:
     """Run the trials of `keys` that the CSVs lack and append one row per trial as each one finishes.
 
-    Trials that finished earlier (diverged or not) are skipped; trials recorded with an error run again.
-    Results may arrive in any order. `bar` is an outer progress bar to advance; without it one is made.
+    Trials that finished earlier, diverged or not, are skipped. Trials recorded with an error run again.
+    Results may arrive in any order. `bar` is an outer progress bar to advance, made here when None.
     Returns the rows written.
     """
     options = dict(executor_options or {"executor": "local"})
     results_dir = Path(settings.run.results_dir)
     done = finished_keys(read_trials(results_dir))
-    todo = [key for key in dict.fromkeys(keys) if key not in done]
-    skipped = len(set(keys)) - len(todo)
+    keys = list(dict.fromkeys(TrialKey(p, int(w), round_log2_lr(x), int(s)) for p, w, x, s in keys))
+    todo = [key for key in keys if key not in done]
+    skipped = len(keys) - len(todo)
     if skipped:
         logger.info("%d trials already in %s are skipped", skipped, results_dir)
     if not todo:
@@ -325,8 +326,6 @@ def run_trials(settings: Settings, keys: Iterable[TrialKey], executor_options: O
             row = trial_row(key, result, steps)
             writers[key.parametrization].write(row)
             rows.append(row)
-            if row["error"]:
-                logger.warning("trial %s failed: %s", describe(key), row["error"])
             bar.set_postfix_str(f"{describe(key)}: val {row['val_loss']:.3f}"
                                 + (" diverged" if row["diverged"] else ""), refresh=False)
             bar.update(1)
