@@ -1,12 +1,11 @@
 """Sweep the learning rate at every width under μP and SP, and report how far the optimal LR moves with width.
 
-Trials are appended to <results dir>/lr_mup.csv and lr_sp.csv as they finish; a rerun skips finished
+Trials are appended to <results dir>/lr_mup.csv and lr_sp.csv as they finish, and a rerun skips finished
 trials. The optimum table goes to lr_summary.csv and the loss curves to lr_sweep.png.
 """
 
 import argparse
 import logging
-from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
