@@ -40,14 +40,16 @@ def plot_panel(ax, trials: pd.DataFrame, summary: pd.DataFrame, parametrization:
         color = colors[int(width)]
         ax.plot(finite["log2_lr"], finite["val_loss"], "o-", ms=3, lw=1.2, color=color, label=f"width {width}")
         diverged = curve[~np.isfinite(curve["val_loss"])]
-        ax.plot(diverged["log2_lr"], [y_top] * len(diverged), "x", color=color, clip_on=False)
+        if len(diverged):
+            # An empty unclipped line would give the constrained layout an invalid bounding box.
+            ax.plot(diverged["log2_lr"], [y_top] * len(diverged), "x", color=color, clip_on=False)
 
         row = summary[(summary["parametrization"] == parametrization) & (summary["width"] == width)]
         if len(row) == 0 or row["status"].iloc[0] == "none":
             continue
         row = row.iloc[0]
-        fitted = row["status"] == "fit"
-        y = row["fit_val_loss"] if fitted else row["argmin_val_loss"]
+        # The star sits on the drawn curve: a fitted parabola's minimum can lie below every measured loss.
+        y = np.interp(row["optimum_log2_lr"], finite["log2_lr"], finite["val_loss"])
         # A hollow star marks an optimum that is only an argmin at the edge of the LRs tried.
         face = color if row["status"] != "edge" else "none"
         ax.plot([row["optimum_log2_lr"]], [y], "*", ms=13, color=color, markerfacecolor=face, markeredgecolor="black",

@@ -133,3 +133,15 @@ def test_summary_restricts_widths_and_seeds():
     summary = summarize(trials, widths=[128], seeds=[0, 1], parametrizations=["mup"])
     assert summary["width"].tolist() == [128]
     assert summary["num_trials"].tolist() == [14]
+
+
+def test_plot_panels_fill_figure(tmp_path):
+    from mup_qwen.sweep_plot import plot_lr_sweep
+
+    trials = synthetic_trials({("mup", 64): -8.0, ("mup", 128): -8.2, ("sp", 64): -8.0, ("sp", 128): -9.0})
+    figure = plot_lr_sweep(trials, summarize(trials), tmp_path / "sweep.png")
+
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    assert [ax.get_title() for ax in figure.axes] == ["μP: optimum drift 0.20 octaves", "SP: optimum drift 1.00 octaves"]
+    for ax in figure.axes:
+        assert ax.get_position().width > 0.3
