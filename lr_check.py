@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="parametrizations to sweep, e.g. mup,sp (default) or sp")
     parser.add_argument("--log2-lr-min", type=float, help="smallest log2 LR of the grid (sweep.log2_lr_min)")
     parser.add_argument("--log2-lr-max", type=float, help="largest log2 LR of the grid (sweep.log2_lr_max)")
-    parser.add_argument("--num-lrs", type=int, help="grid points from min to max, evenly spaced in log2 LR (sweep.num_lrs)")
+    parser.add_argument("--num-lrs", type=int,
+                        help="grid points from min to max, evenly spaced in log2 LR (sweep.num_lrs)")
     parser.add_argument("--search", choices=["grid", "adaptive"], default="grid",
                         help="grid: every point of the sweep.num_lrs grid (default); adaptive: a coarse grid, then "
                              "successive halving of the bracket around the best point until --tolerance")

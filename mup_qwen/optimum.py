@@ -127,8 +127,10 @@ def summarize(trials: pd.DataFrame, widths: Optional[Iterable[int]] = None, seed
             rows.append({"parametrization": parametrization, "width": int(width),
                          "optimum_log2_lr": optimum.log2_lr, **asdict(optimum),
                          "num_lrs": len(curve), "num_trials": len(group),
-                         "num_diverged": int(group["diverged"].sum()), "num_failed": int((group["error"] != "").sum()),
-                         "steps_done": int(group["steps_done"].sum()), "seconds": round(float(group["seconds"].sum()), 3)})
+                         "num_diverged": int(group["diverged"].sum()),
+                         "num_failed": int((group["error"] != "").sum()),
+                         "steps_done": int(group["steps_done"].sum()),
+                         "seconds": round(float(group["seconds"].sum()), 3)})
     columns = ["parametrization", "width", "optimum_log2_lr", "status", "argmin_log2_lr", "argmin_val_loss",
                "fit_log2_lr", "fit_val_loss", "num_lrs", "num_trials", "num_diverged", "num_failed",
                "steps_done", "seconds"]

@@ -114,7 +114,10 @@ def sweep_files(results_dir: Path) -> list[Path]:
 
 
 def move_aside(results_dir: Path) -> Optional[Path]:
-    """Move the sweep files of `results_dir` into a new `previous-<date>-<time>` folder inside it. Nothing is deleted."""
+    """Move the sweep files of `results_dir` into a new `previous-<date>-<time>` folder inside it.
+
+    Nothing is deleted.
+    """
     files = sweep_files(results_dir)
     if not files:
         return None
@@ -148,8 +151,8 @@ def prepare_results_dir(settings: Settings, fresh: bool = False) -> Path:
     if csvs:
         names = ", ".join(str(path) for path in csvs)
         if not settings_path.is_file():
-            raise SweepSettingsError(
-                f"{names} exist but {str(settings_path)!r} is missing, so the settings of their trials are unknown. {fix}")
+            raise SweepSettingsError(f"{names} exist but {str(settings_path)!r} is missing, "
+                                     f"so the settings of their trials are unknown. {fix}")
         try:
             stored = json.loads(settings_path.read_text())
             old_fields = stored["settings"]

@@ -142,6 +142,7 @@ def test_plot_panels_fill_figure(tmp_path):
     figure = plot_lr_sweep(trials, summarize(trials), tmp_path / "sweep.png")
 
     assert (tmp_path / "sweep.png").stat().st_size > 0
-    assert [ax.get_title() for ax in figure.axes] == ["μP: optimum drift 0.20 octaves", "SP: optimum drift 1.00 octaves"]
+    titles = [ax.get_title() for ax in figure.axes]
+    assert titles == ["μP: optimum drift 0.20 octaves", "SP: optimum drift 1.00 octaves"]
     for ax in figure.axes:
         assert ax.get_position().width > 0.3
