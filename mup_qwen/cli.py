@@ -66,9 +66,13 @@ def run_main(main: Callable[[], None]) -> None:
 
 
 def add_executor_args(parser: argparse.ArgumentParser) -> None:
-    """Add the flags that choose where trials run (in-process, or Ray tasks)."""
-    parser.add_argument("--executor", choices=["local", "ray"], default="local",
-                        help="run trials in this process (local, default) or as Ray tasks (ray)")
+    """Add the flags that choose where trials run: in this process, in worker processes, or as Ray tasks."""
+    parser.add_argument("--executor", choices=["local", "processes", "ray"], default="local",
+                        help="run trials one after another in this process (local, default), in --workers "
+                             "processes on this machine (processes), or as Ray tasks (ray)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="worker processes for --executor processes (default: 2); set run.threads so that "
+                             "workers × threads does not exceed the cores")
     parser.add_argument("--address", help="Ray cluster address to join (default: start a local instance)")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved per Ray task")
     parser.add_argument("--gpus-per-trial", type=float, default=0.0,
@@ -77,5 +81,5 @@ def add_executor_args(parser: argparse.ArgumentParser) -> None:
 
 def executor_options(args: argparse.Namespace) -> dict:
     """Return the keyword arguments of `mup_qwen.executor.run_tasks` chosen on the command line."""
-    return {"executor": args.executor, "address": args.address,
+    return {"executor": args.executor, "workers": args.workers, "address": args.address,
             "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial}

@@ -10,10 +10,12 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import multiprocessing
 import os
 import re
 import time
 import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Iterator, Optional
@@ -59,25 +61,63 @@ def run_local(tasks: Iterable[Task]) -> Iterator[tuple[Hashable, Any]]:
             yield task.key, TaskFailure(f"{type(error).__name__}: {error}", traceback.format_exc())
 
 
+def run_processes(tasks: Iterable[Task], workers: int) -> Iterator[tuple[Hashable, Any]]:
+    """Run tasks in `workers` fresh processes on this machine, and yield results as they finish.
+
+    Processes start with "spawn", so no torch thread pool is inherited from this process.
+    Each trial sets its own thread count from `run.threads`.
+    """
+    if workers < 1:
+        raise MupQwenError(f"--workers is {workers}, expected a positive integer such as 2.")
+    tasks = list(tasks)
+    pool = ProcessPoolExecutor(max_workers=min(workers, max(1, len(tasks))),
+                               mp_context=multiprocessing.get_context("spawn"))
+    pending = {pool.submit(task.function, **task.kwargs): task.key for task in tasks}
+    logger.info("running %d tasks in %d worker processes", len(pending), pool._max_workers)
+    return _process_results(pool, pending)
+
+
+def _process_results(pool: ProcessPoolExecutor, pending: dict) -> Iterator[tuple[Hashable, Any]]:
+    """Yield `(key, result)` for each finished process task; cancel the rest if the caller stops early."""
+    try:
+        while pending:
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for future in done:
+                key = pending.pop(future)
+                try:
+                    result = future.result()
+                except Exception as error:  # the task raised, or its worker process died
+                    logger.error("task %s failed: %s: %s", key, type(error).__name__, error)
+                    result = TaskFailure(f"{type(error).__name__}: {error}",
+                                         "".join(traceback.format_exception(error)))
+                yield key, result
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def run_tasks(
     tasks: Iterable[Task],
     executor: str = "local",
     *,
+    workers: int = 1,
     address: Optional[str] = None,
     cpus_per_trial: float = 1.0,
     gpus_per_trial: float = 0.0,
 ) -> Iterator[tuple[Hashable, Any]]:
     """Run tasks with the named executor and yield `(key, result)` as each one finishes.
 
-    The keyword arguments are those of `mup_qwen.cli.executor_options`, and the local
-    executor ignores them. The Ray executor connects and submits every task before this
-    returns, so a missing package or an impossible resource request raises here.
+    The keyword arguments are those of `mup_qwen.cli.executor_options`: "processes" uses
+    `workers`, "ray" the rest, and "local" none. The Ray executor connects and submits
+    every task before this returns, so a missing package or an impossible resource
+    request raises here.
     """
     if executor == "local":
         return run_local(tasks)
+    if executor == "processes":
+        return run_processes(tasks, workers)
     if executor == "ray":
         return run_ray(tasks, address=address, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
-    raise MupQwenError(f"executor is {executor!r}, expected 'local' or 'ray'.")
+    raise MupQwenError(f"executor is {executor!r}, expected 'local', 'processes' or 'ray'.")
 
 
 # ---------------------------------------------------------------------------

@@ -102,6 +102,29 @@ def test_local_failure_keeps_other_tasks(sweep_dir, monkeypatch):
     assert results["good"] == {"x": 1}
 
 
+def test_processes_results_equal_local(sweep_dir, monkeypatch):
+    monkeypatch.chdir(sweep_dir)
+    tasks = trial_tasks(relative_settings(sweep_dir), widths=(64,), log2_lrs=(-7,))
+    tasks.append(Task("bad width", train_trial, dict(settings=relative_settings(sweep_dir), width=36,
+                                                     parametrization="mup", lr=1e-3, seed=0, steps=2)))
+    local = dict(run_tasks(tasks))
+    processes = dict(run_tasks(tasks, executor="processes", workers=2))
+
+    assert processes.keys() == local.keys()
+    assert isinstance(processes["bad width"], TaskFailure)
+    assert processes["bad width"].error.startswith("SettingsError: width 36")
+    for key in local:
+        if key == "bad width":
+            continue
+        assert processes[key].train_losses == local[key].train_losses, key
+        assert processes[key].val_loss == local[key].val_loss, key
+
+
+def test_processes_rejects_zero_workers():
+    with pytest.raises(MupQwenError, match="--workers is 0"):
+        run_tasks([Task("a", dict, {})], executor="processes", workers=0)
+
+
 # ---------------------------------------------------------------------------
 # Local Ray instance
 
