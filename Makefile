@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= profiles/cpu.yml
+# Where trials run. Two 1-thread worker processes use both cores of a 2-core CPU; on a GPU
+# use `EXECUTOR=` (one trial at a time) or `EXECUTOR="--executor ray --gpus-per-trial 0.25"`.
+EXECUTOR ?= --executor processes --workers 2
 
 # Docker settings. BASE_IMAGE, when set, replaces the Dockerfile's PyTorch CUDA image.
 DOCKER ?= docker
@@ -34,10 +37,10 @@ shapes: install
 	$(PY) create_base_shapes.py --config $(CONFIG)
 
 coord: shapes
-	$(PY) coord_check.py --config $(CONFIG)
+	$(PY) coord_check.py --config $(CONFIG) $(EXECUTOR)
 
 lr: shapes
-	$(PY) lr_check.py --config $(CONFIG)
+	$(PY) lr_check.py --config $(CONFIG) $(EXECUTOR)
 
 workflow: shapes coord lr
 
