@@ -2,7 +2,7 @@
 
 Every comparison interleaves its variants (A B, B A, ...) in one run and reports the
 median of per-repeat ratios, because absolute times on a shared CPU drift with the load.
-Run `python benchmarks/bench_step.py --help` for the sections and their flags.
+Sections: step, loop, adam (optional), memory and threads. BENCHMARKS.md records the results.
 """
 
 from __future__ import annotations
@@ -251,15 +251,16 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="profiles/cpu.yml", help="settings file (default: profiles/cpu.yml)")
     parser.add_argument("--widths", type=widths_arg, help="hidden sizes, e.g. 64,128,256 (default: model.widths)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per repeat of a step comparison")
-    parser.add_argument("--repeats", type=int, default=5, help="repeats of each variant, interleaved")
-    parser.add_argument("--trial-steps", type=int, default=10, help="steps of each train_trial repeat")
-    parser.add_argument("--memory-steps", type=int, default=5, help="steps of the trial whose peak memory is read")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per repeat of a step comparison (default: 5)")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of each variant, interleaved (default: 5)")
+    parser.add_argument("--trial-steps", type=int, default=10, help="steps of each train_trial repeat (default: 10)")
+    parser.add_argument("--memory-steps", type=int, default=5, help="steps of the trial whose peak memory is read (default: 5)")
     parser.add_argument("--thread-steps", type=int, default=2,
-                        help="timed steps per repeat of the threads section, where one 2-thread step can take seconds")
+                        help="timed steps per repeat of the threads section, where one 2-thread step can take "
+                             "seconds (default: 2)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the step, loop and memory sections (default: 1, because with 2 "
-                             "threads a busy core slows steps by up to 20x; the threads section compares them)")
+                             "threads a busy core slowed steps by up to 80x here; the threads section compares them)")
     parser.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
                         help="clock of the step, loop and adam sections: this process's CPU time, or wall time "
                              "(default auto: CPU time on the CPU with 1 thread, else wall time)")
