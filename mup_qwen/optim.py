@@ -1,7 +1,7 @@
 """Optimizers: mup's `MuAdam`/`MuAdamW`/`MuSGD` for μP, torch's own for SP.
 
 Under μP with Adam, a hidden matrix with fan-in width multiplier `m` gets LR `η/m` and
-weight decay `wd × m` (so `lr × wd` stays constant in width); embeddings, biases,
+weight decay `wd × m`, so `lr × wd` stays constant in width. Embeddings, biases,
 norm gains and the readout keep `η`. The warm-up schedule scales each group's own LR.
 """
 

@@ -104,7 +104,7 @@ class SweepSettings:
 
 @dataclass
 class RunSettings:
-    """Where and how runs execute, and where files go."""
+    """Device, precision, threads and output paths of a run."""
 
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     precision: Literal["float32", "bfloat16"] = "float32"
@@ -237,7 +237,7 @@ def settings_from_dict(raw: Any) -> Settings:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise SettingsError(f"the settings file holds {type(raw).__name__}, expected a mapping of sections.")
+        raise SettingsError(f"the settings file contains {type(raw).__name__}, expected a mapping of sections.")
     sections = {f.name: f for f in dataclasses.fields(Settings)}
     for key in raw:
         if key not in sections:

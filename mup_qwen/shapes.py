@@ -51,8 +51,8 @@ def make_base_shapes(settings: Settings, path: str | Path | None = None) -> dict
     base_width = settings.model.base_width
     base = build_model(settings, base_width, "sp", vocab_size=8, init=False)
     delta = build_model(settings, 2 * base_width, "sp", vocab_size=8, init=False)
-    # The readout of a μP model is a MuReadout; its name and shape match the SP lm_head, so the SP
-    # models give the same shapes without needing base shapes themselves.
+    # SP models need no base shapes themselves. Their lm_head has the same name and shape as the
+    # μP readout, so they give the same shapes.
     path.parent.mkdir(parents=True, exist_ok=True)
     base_shapes = mup.make_base_shapes(base, delta, savefile=str(path))
     body = path.read_text()
@@ -78,7 +78,7 @@ def check_base_shapes_file(settings: Settings, path: str | Path) -> dict[str, li
     except (yaml.YAMLError, json.JSONDecodeError) as error:
         raise BaseShapesError(f"base shapes file {str(path)!r} could not be read ({error}). {rerun_hint(settings)}") from None
     if not isinstance(raw, dict):
-        raise BaseShapesError(f"base shapes file {str(path)!r} holds no shapes. {rerun_hint(settings)}")
+        raise BaseShapesError(f"base shapes file {str(path)!r} contains no shapes. {rerun_hint(settings)}")
 
     if signature is not None:
         expected = shape_signature(settings)
