@@ -27,7 +27,7 @@ from mup_qwen.model import ATTENTION_CLASSES, PARAMETRIZATIONS, Parametrization,
 from mup_qwen.optim import build_optimizer
 from mup_qwen.settings import MupQwenError, Settings
 from mup_qwen.shapes import check_base_shapes_file
-from mup_qwen.train import autocast, lm_loss, setup_runtime
+from mup_qwen.train import setup_runtime, train_step
 
 logger = logging.getLogger("mup_qwen")
 
@@ -234,14 +234,7 @@ def coord_run(
     with CoordRecorder(model, module_types or module_types_of(settings)) as recorder:
         for step in range(1, settings.coord.steps + 1):
             recorder.step = step
-            batch = next(batches).to(device)
-            with autocast(device, settings.run.precision):
-                loss = lm_loss(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if settings.optim.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.optim.grad_clip)
-            optimizer.step()
+            train_step(model, optimizer, next(batches).to(device), settings)
 
     frame = recorder.frame()
     frame.insert(0, "seed", seed)

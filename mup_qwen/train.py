@@ -68,6 +68,18 @@ def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor, settings: Settings) -> torch.Tensor:
+    """Run one forward pass, backward pass and optimizer step on a batch, and return the detached loss."""
+    with autocast(batch.device, settings.run.precision):
+        loss = lm_loss(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if settings.optim.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.optim.grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device, precision: str = "float32") -> float:
     """Return the mean loss over fixed batches, in eval mode."""
@@ -140,15 +152,8 @@ def train_trial(
     initial_loss: Optional[float] = None
     for step in range(1, steps + 1):
         batch = next(batches).to(device, non_blocking=True)
-        with autocast(device, settings.run.precision):
-            loss = lm_loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if settings.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.optim.grad_clip)
-        optimizer.step()
+        pending.append(train_step(model, optimizer, batch, settings))
         scheduler.step()
-        pending.append(loss.detach())
         result.steps_done = step
 
         if step == 1 or step % log_every == 0 or step == steps:

@@ -59,3 +59,31 @@ def make_settings(tmp_path: Path):
         return tiny
 
     return factory
+
+
+def execute_notebook(name: str, results_dir: Path) -> tuple[str, list[dict]]:
+    """Run `notebooks/<name>` headlessly on `results_dir` and return its printed text and outputs.
+
+    The notebook must be saved without outputs, and reads its folder from MUP_QWEN_RESULTS.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
+
+    previous = os.environ.get("MUP_QWEN_RESULTS")
+    os.environ["MUP_QWEN_RESULTS"] = str(results_dir)
+    try:
+        client = NotebookClient(notebook, timeout=180, kernel_name="python3",
+                                resources={"metadata": {"path": str(ROOT / "notebooks")}})
+        client.execute()
+    finally:
+        if previous is None:
+            del os.environ["MUP_QWEN_RESULTS"]
+        else:
+            os.environ["MUP_QWEN_RESULTS"] = previous
+
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    text = "".join(output.get("text", "") for output in outputs)
+    return text, outputs

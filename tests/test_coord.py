@@ -11,15 +11,13 @@ import runpy
 import subprocess
 import sys
 
-import nbformat
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
-from nbclient import NotebookClient
 
-from conftest import ROOT, tiny_settings
+from conftest import ROOT, execute_notebook, tiny_settings
 from mup_qwen.coord import (
     MODULE_TYPES, MUP_MISTAKES, STATISTICS, attention_logits, judge, keep_readout_unscaled, keep_sqrt_attention_scale,
     coord_tasks, module_types_of, read_coord_results, run_coord_check,
@@ -269,18 +267,9 @@ def test_tasks_survive_pickling(tmp_path):
     assert set(frame["width"]) == {32}
 
 
-def test_notebook_runs_on_script_results(script_run, monkeypatch):
+def test_notebook_runs_on_script_results(script_run):
     tmp_path, _, _ = script_run
-    notebook = nbformat.read(ROOT / "notebooks" / "coord_check.ipynb", as_version=4)
-    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
-
-    monkeypatch.setenv("MUP_QWEN_RESULTS", str(tmp_path / "results"))
-    client = NotebookClient(notebook, timeout=180, kernel_name="python3",
-                            resources={"metadata": {"path": str(ROOT / "notebooks")}})
-    client.execute()
-
-    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
-    text = "".join(output.get("text", "") for output in outputs)
+    text, outputs = execute_notebook("coord_check.ipynb", tmp_path / "results")
     assert "mup: widths [32, 64, 128], 5 steps" in text
     assert "lm_head" in text
     images = [output for output in outputs if "image/png" in output.get("data", {})]

@@ -9,13 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nbformat
 import pandas as pd
 import pytest
 import yaml
-from nbclient import NotebookClient
 
-from conftest import ROOT
+from conftest import ROOT, execute_notebook
 from mup_qwen.settings import override
 from mup_qwen.sweep import (SETTINGS_FILE, SweepSettingsError, TrialKey, csv_path, grid_keys, prepare_results_dir,
                             read_trials, run_trial, run_trials)
@@ -249,18 +247,9 @@ def test_script_rejects_changed_settings(script_run):
     assert csv_path(results, "mup").read_bytes() == before
 
 
-def test_notebook_runs_on_script_results(script_run, monkeypatch):
+def test_notebook_runs_on_script_results(script_run):
     tmp_path, _, _ = script_run
-    notebook = nbformat.read(ROOT / "notebooks" / "lr_check.ipynb", as_version=4)
-    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
-
-    monkeypatch.setenv("MUP_QWEN_RESULTS", str(tmp_path / "results"))
-    client = NotebookClient(notebook, timeout=180, kernel_name="python3",
-                            resources={"metadata": {"path": str(ROOT / "notebooks")}})
-    client.execute()
-
-    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
-    text = "".join(output.get("text", "") for output in outputs)
+    text, outputs = execute_notebook("lr_check.ipynb", tmp_path / "results")
     assert "trials in" in text
     assert "SP drift of the optimum across widths" in text
     assert any("image/png" in output.get("data", {}) for output in outputs)
