@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mup_qwen.cli import (  # noqa: E402
     add_executor_args, executor_options, make_parser, run_main, settings_from_args, setup_logging,
 )
-from mup_qwen.coord import DEFAULT_BOUNDS, MUP_MISTAKES, check_coord_settings, fit_slopes, run_coord_check  # noqa: E402
+from mup_qwen.coord import MUP_MISTAKES, check_coord_settings, run_coord_check  # noqa: E402
+from mup_qwen.coord_verdict import DEFAULT_BOUNDS, fit_slopes  # noqa: E402
 from mup_qwen.coord_plot import format_verdict, plot_coord, plot_slopes  # noqa: E402
 from mup_qwen.settings import Settings  # noqa: E402
 from mup_qwen.train import resolve_device  # noqa: E402

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from mup_qwen.coord import MODULE_TYPES
+from mup_qwen.coord_verdict import MODULE_TYPES
 
 PARAMETRIZATION_NAMES = {"mup": "μP", "sp": "SP"}
 VECTOR_OUTPUT_TYPES = ("embed_tokens", "input_layernorm", "q_norm", "k_norm", "post_attention_layernorm", "final_norm")
@@ -107,7 +107,7 @@ def plot_coord(
 def plot_slopes(slopes: dict[str, pd.DataFrame], highest: Optional[float] = None, path: Optional[str | Path] = None):
     """Draw each module type's slope of log(l1) against log(width) over the steps, one panel per parametrization.
 
-    `slopes` maps "mup"/"sp" to `mup_qwen.coord.fit_slopes` tables, and each line is a seed mean.
+    `slopes` maps "mup"/"sp" to `mup_qwen.coord_verdict.fit_slopes` tables, and each line is a seed mean.
     A dashed line marks `highest`, such as the default upper bound of the verdict. Returns the figure.
     """
     figure, axes = plt.subplots(1, len(slopes), figsize=(5.0 * len(slopes) + 2.4, 3.6), sharey=True, squeeze=False)

@@ -19,9 +19,10 @@ import yaml
 
 from conftest import ROOT, execute_notebook, tiny_settings
 from mup_qwen.coord import (
-    MODULE_TYPES, MUP_MISTAKES, STATISTICS, attention_logits, judge, keep_readout_unscaled, keep_sqrt_attention_scale,
-    coord_tasks, module_types_of, read_coord_results, run_coord_check,
+    MUP_MISTAKES, STATISTICS, attention_logits, keep_readout_unscaled, keep_sqrt_attention_scale, coord_tasks,
+    module_types_of, read_coord_results, run_coord_check,
 )
+from mup_qwen.coord_verdict import MODULE_TYPES, judge
 from mup_qwen.model import ATTENTION_CLASSES, build_model
 from mup_qwen.settings import MupQwenError
 from mup_qwen.shapes import make_base_shapes
