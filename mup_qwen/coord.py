@@ -51,6 +51,9 @@ def check_coord_settings(settings: Settings, modules: Optional[list[str]] = None
             f"model.widths is {widths}: the coordinate check fits a slope across widths and needs at least two. "
             "Pass --widths with two or more widths, such as --widths 64,128,256."
         )
+    if len(widths) == 2:
+        logger.warning("model.widths has two widths, %s: a slope through two points is noisy, and correct μP "
+                       "can fail the check. Use three or more widths, such as 64,128,256.", widths)
     known = module_types_of(settings)
     if modules is None:
         return known

@@ -32,7 +32,8 @@ class BaseShapesError(MupQwenError):
 
 
 def rerun_hint(settings: Settings) -> str:
-    return f"Run `python create_base_shapes.py` with the same settings to write {settings.run.base_shapes!r} again."
+    return (f"Run `python create_base_shapes.py --config SETTINGS_FILE` with the settings file in use to write "
+            f"{settings.run.base_shapes!r} again.")
 
 
 def shape_signature(settings: Settings) -> dict[str, Any]:
