@@ -27,7 +27,7 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
-	$(PY) -c "import torch, transformers, mup; print('installed torch', torch.__version__, 'transformers', transformers.__version__, 'mup', mup.__name__)"
+	$(PY) -c "import importlib.metadata as m, torch, transformers, mup; print('installed torch', torch.__version__, 'transformers', transformers.__version__, 'mup', m.version('mup'))"
 	touch $@
 
 test: install
