@@ -79,7 +79,7 @@ def main() -> None:
     logger.info("LR sweep (%s): %s at widths %s, log2 LR %g to %g, seeds %s, %d steps per trial, results in %s",
                 args.search, ", ".join(parametrizations), settings.model.widths, sweep.log2_lr_min, sweep.log2_lr_max,
                 sweep.seeds, sweep.steps, results_dir)
-    with logging_redirect_tqdm(loggers=[logger]):
+    with logging_redirect_tqdm():
         if args.search == "grid":
             run_trials(settings, grid_keys(settings, parametrizations), executor_options(args))
         else:
