@@ -115,7 +115,7 @@ class StepRunner:
 def interleave(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
     """Call each variant once per repeat, reversing the order every other repeat (A B, B A, ...).
 
-    On a shared machine the load drifts; alternating the order spreads the drift over all
+    On a shared machine the load drifts. Alternating the order spreads the drift over all
     variants, and a ratio taken within one repeat compares runs made seconds apart.
     """
     names = list(variants)
@@ -131,7 +131,7 @@ def paired_ratios(numerators: list[float], denominators: list[float]) -> dict:
     """Return the per-repeat ratios of two variants' times and the ratio of their fastest repeats.
 
     Load on a shared machine only ever slows a run, so the fastest repeats are the
-    least disturbed ones; the median of per-repeat ratios uses every repeat.
+    least disturbed ones. The median of per-repeat ratios uses every repeat.
     """
     return {"per_repeat": [a / b for a, b in zip(numerators, denominators)],
             "of_fastest": min(numerators) / min(denominators)}
@@ -157,8 +157,8 @@ def train_flops_per_token(model: nn.Module, settings: Settings, width: int) -> f
     """Return the model FLOPs of one training token: 6 N + 12 L T d_attn.
 
     N counts the matmul weights (embedding lookups are not matmuls). The attention term
-    counts q·kᵀ and the weighted sum of v over the full T × T matrix (no causal saving),
-    the convention of the PaLM paper's model FLOPs utilisation; backward costs twice forward.
+    counts q·kᵀ and the weighted sum of v over the full T × T matrix, with no saving for the
+    causal mask, as PaLM's model FLOPs utilisation counts it. Backward costs twice forward.
     """
     layout = head_layout(settings.model, width)
     attention = 12 * settings.model.num_layers * settings.data.seq_len * layout.num_heads * layout.head_dim

@@ -138,7 +138,7 @@ def test_attention_scale_is_attn_mult_over_head_dim(settings, width):
     assert sp_model.model.layers[0].self_attn.scaling == sp_model.model.layers[0].self_attn.head_dim**-0.5
 
 
-def test_fixed_heads_scale_shrinks_as_one_over_head_dim(make_settings):
+def test_fixed_heads_attention_scale(make_settings):
     settings = make_settings(model={"head_scaling": "fixed_heads", "head_dim": None, "num_heads": 2})
     small = build_model(settings, 32, "mup").model.layers[0].self_attn
     large = build_model(settings, 128, "mup").model.layers[0].self_attn

@@ -37,7 +37,7 @@ def test_every_recipe_builds_base_shapes(make_settings, family, recipe):
             assert parameter.infshape.ninf() >= 1 or "norm" in name, name
 
 
-def test_fixed_head_count_with_fixed_head_dim_hits_mup_error():
+def test_rejected_recipe_raises_mup_error():
     """The recipe that validation rejects really does break mup: q_proj's fan-out stays finite."""
     def model_at(width: int):
         config = Qwen2Config(vocab_size=16, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=1,
